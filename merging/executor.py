@@ -224,28 +224,38 @@ def _check_finite(tensor: torch.Tensor, ck: Checkpoint, name: str) -> None:
 
 
 class _Loader:
-    """Reads the inputs of upcoming tensors on one background thread (reads overlap compute)."""
+    """Reads the inputs of upcoming tensors on one background thread (reads overlap compute).
+
+    For a merged tensor it returns the base and the models already converted to
+    the compute dtype and stacked into one buffer the job owns, so the compute
+    thread does no copying of its own.
+    """
 
     def __init__(self, plan: MergePlan):
         self.plan = plan
+        self.pin = plan.device.type == "cuda"
 
-    def load(self, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]] | torch.Tensor:
+    def load(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor] | torch.Tensor:
         plan = self.plan
         if name not in plan.merged:
             return plan.copy_from[name].get(name)
         check = not plan.recipe.allow_nonfinite
+        dt = plan.compute_dtype
         base = None
         if plan.inputs.base is not None:
-            base = plan.inputs.base.get(name)
+            raw = plan.inputs.base.get(name)
             if check:
-                _check_finite(base, plan.inputs.base, name)
-        models = []
-        for ck in plan.inputs.models:
-            t = ck.get(name)
+                _check_finite(raw, plan.inputs.base, name)
+            base = raw.to(dt, copy=True)
+        shape = plan.out_infos[name].shape
+        stacked = torch.empty((len(plan.inputs.models), *shape), dtype=dt, pin_memory=self.pin)
+        for i, ck in enumerate(plan.inputs.models):
+            raw = ck.get(name)
             if check:
-                _check_finite(t, ck, name)
-            models.append(t)
-        return base, models
+                _check_finite(raw, ck, name)
+            stacked[i].copy_(raw)
+            del raw
+        return base, stacked
 
     def stream(self, names: list[str], cancel: CancelToken | None) -> Iterator[tuple[str, Any]]:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alloy-read")
@@ -265,22 +275,47 @@ class _Loader:
                 if nxt is not None:
                     queue.append((nxt, pool.submit(self.load, nxt)))
                 yield name, data
+                del data
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _make_job(plan: MergePlan, name: str, data: tuple[torch.Tensor | None, list[torch.Tensor]], backend: Any, stats: Any) -> TensorJob:
-    base, models = data
+class _BackgroundWriter:
+    """Hands finished tensors to the output writer on its own thread (writes overlap compute)."""
+
+    def __init__(self, writer: ShardedSafetensorsWriter, depth: int = PREFETCH_DEPTH):
+        self.writer = writer
+        self.depth = depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alloy-write")
+        self.pending: deque[Future] = deque()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        while len(self.pending) >= self.depth:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self.writer.write, name, tensor))
+
+    def close(self) -> list[Path]:
+        while self.pending:
+            self.pending.popleft().result()
+        self.pool.shutdown(wait=True)
+        return self.writer.close()
+
+    def abort(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.writer.abort()
+
+
+def _make_job(plan: MergePlan, name: str, data: tuple[torch.Tensor | None, torch.Tensor], backend: Any, stats: Any) -> TensorJob:
+    base, stacked = data
     dev, dt = plan.device, plan.compute_dtype
-    stacked = torch.stack([t.to(device=dev, dtype=dt) for t in models])
-    n = len(models)
+    n = int(stacked.shape[0])
     params = plan.recipe.resolve(name, plan.layers)
     weights = params.get("weight", [1.0] * n)
     weights_t = torch.tensor(weights if isinstance(weights, list) else [weights] * n, dtype=dt, device=dev)
     return TensorJob(
         name=name,
-        base=None if base is None else base.to(device=dev, dtype=dt),
-        models=stacked,
+        base=None if base is None else base.to(device=dev, non_blocking=True),
+        models=stacked.to(device=dev, non_blocking=True),
         weights=weights_t,
         params=params,
         seed=plan.recipe.seed,
@@ -396,10 +431,11 @@ def run_merge(
         metadata = {"alloy_recipe": json.dumps(written_recipe.to_dict(), sort_keys=True)}
         with StagedFolder(out_dir, overwrite=overwrite) as staged:
             assert staged.path is not None
-            writer = ShardedSafetensorsWriter(staged.path, planned, max_shard_bytes=shard_size, metadata=metadata)
+            writer = _BackgroundWriter(ShardedSafetensorsWriter(staged.path, planned, max_shard_bytes=shard_size, metadata=metadata))
             try:
                 for name, _base, tensor in iter_merged_tensors(plan, progress=progress, cancel=cancel, include_copies=True):
                     writer.write(name, tensor.to(device="cpu", dtype=plan.out_infos[name].dtype))
+                    del tensor, _base
                 files = [p.name for p in writer.close()]
             except BaseException:
                 writer.abort()

@@ -72,16 +72,25 @@ class TensorJob:
     backend: Any = None
     stats: Any = None
     model_ids: Sequence[int] = field(default_factory=tuple)
+    _tv_done: bool = field(default=False, repr=False)
 
     @property
     def n(self) -> int:
         return int(self.models.shape[0])
 
     def task_vectors(self) -> torch.Tensor:
-        """τ_i = θ_i − θ_0, stacked."""
+        """τ_i = θ_i − θ_0, stacked.
+
+        Computed in place in the `models` buffer (which the executor allocated
+        for this job alone), so a merge holds n tensors, not 2n: after the first
+        call `models` holds task vectors too.
+        """
         if self.base is None:
             raise ValueError("this method needs a base model")
-        return self.models - self.base.unsqueeze(0)
+        if not self._tv_done:
+            self.models.sub_(self.base.unsqueeze(0))
+            self._tv_done = True
+        return self.models
 
     def per_model(self, name: str) -> torch.Tensor:
         """A parameter as a length-n float tensor (scalars broadcast)."""

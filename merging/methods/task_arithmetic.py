@@ -21,7 +21,7 @@ class TaskArithmetic(MergeMethod):
 
     def merge(self, job: TensorJob) -> torch.Tensor:
         w = job.per_model("weight")
-        delta = torch.tensordot(w, job.task_vectors(), dims=1)
+        delta = torch.tensordot(w, job.task_vectors(), dims=1)  # one pass over the stacked buffer
         if job.params["normalize"]:
             denom = w.sum()
             if float(denom) == 0.0:
