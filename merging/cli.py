@@ -62,6 +62,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         shard = parse_size(args.shard_size)
     except ValueError as exc:
         raise AlloyError(f"--shard-size: {exc}") from None
+    if args.push:
+        from .cli_push import check_push_target
+
+        problem = check_push_target(args.push, token_from_env=args.token_from_env)
+        if problem is not None:
+            raise AlloyError(f"--push: {problem}")
     on_event, close = _progress_bar(args.quiet)
     cancel = CancelToken()
     try:
@@ -88,8 +94,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         f"({result.input_bytes / 1e9:.2f} GB read, {result.throughput_gbps:.2f} GB/s) -> {result.output}"
     )
     if args.push:
-        push = importlib.import_module("merging.cli_push")
-        return push.push_after_merge(result.output, args.push, private=args.private)
+        from .cli_push import push_after_merge
+
+        return push_after_merge(
+            result.output, args.push, private=args.private, token_from_env=args.token_from_env, commit_message=args.commit_message
+        )
     return 0
 
 
@@ -153,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--license", help="license to put in the model card (e.g. apache-2.0)")
-    p.add_argument("--push", metavar="REPO_ID", help="push the output to the Hugging Face Hub after the merge")
-    p.add_argument("--private", action="store_true", help="with --push: create the Hub repo private")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from .cli_push import add_push_options
+
+    add_push_options(p)
     p.set_defaults(run=_cmd_merge)
 
     p = sub.add_parser("inspect", help="show a checkpoint's format, size, dtypes and architecture")
@@ -185,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        command = getattr(args, "run", None) or args.func
+        return int(command(args) or 0)
     except MergeCancelled as exc:
         print(f"alloy: {exc}", file=sys.stderr)
         return 130

@@ -21,6 +21,7 @@ import torch
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint, parse_dtype
 from .errors import AlloyError, CheckpointError, RecipeError
 from .export import StagedFolder, copy_side_files, write_recipe_files
+from .formats.validate import check_finite
 from .formats.safetensors_writer import DEFAULT_SHARD_BYTES, PlannedTensor, ShardedSafetensorsWriter
 from .layers import LayerMap
 from .methods.base import MergeMethod, TensorJob
@@ -219,8 +220,10 @@ def _backend_for(plan: MergePlan) -> Any:
 
 
 def _check_finite(tensor: torch.Tensor, ck: Checkpoint, name: str) -> None:
-    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
-        raise CheckpointError(ck.path, "contains NaN or Inf values (set `allow_nonfinite: true` to merge anyway)", tensor=name)
+    try:
+        check_finite(tensor, ck.path, name)
+    except CheckpointError as exc:
+        raise CheckpointError(ck.path, f"{exc.detail} (set `allow_nonfinite: true` to merge anyway)", tensor=name) from None
 
 
 class _Loader:
