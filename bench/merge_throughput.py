@@ -98,10 +98,11 @@ def memory_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
 
 def run_merge_process(recipe: Path, out: Path, extra: list[str]) -> tuple[float, int]:
     """(seconds, peak RSS bytes) of one `alloy merge` in a fresh process."""
+    # VmHWM is this process's own peak; ru_maxrss would also count the parent's peak inherited at fork.
     code = (
-        "import resource, sys, time; from merging.cli import main; t=time.perf_counter(); rc=main(sys.argv[1:]); "
-        "dt=time.perf_counter()-t; rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024; "
-        "print('BENCH', dt, rss); sys.exit(rc)"
+        "import sys, time; from merging.cli import main; t=time.perf_counter(); rc=main(sys.argv[1:]); "
+        "dt=time.perf_counter()-t; hwm=[l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
+        "print('BENCH', dt, int(hwm.split()[1])*1024); sys.exit(rc)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, "merge", str(recipe), "-o", str(out), "--force", "-q", *extra],
