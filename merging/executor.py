@@ -122,20 +122,25 @@ def open_inputs(recipe: Recipe, *, progress: ProgressCallback | None = None, can
 
 
 def _align_inputs(recipe: Recipe, inputs: MergeInputs, *, progress: ProgressCallback | None, cancel: CancelToken | None) -> None:
-    from .alignment import align_checkpoint, load_spec
+    """Replace each model by its permutation-aligned view (weight matching against the reference)."""
+    from .alignment import align_checkpoint
 
     al = recipe.alignment
     assert al is not None
     reference = open_checkpoint(al.reference) if al.reference is not None else inputs.models[0]
-    spec = load_spec(al.spec, {n: i.shape for n, i in reference.infos().items()})
     seed = recipe.seed if al.seed is None else al.seed
     device = str(resolve_device(recipe.device))
     tracker = ProgressTracker("align", len(inputs.models), 0, progress, cancel)
+
+    def poll(_stage: str, _done: int, _total: int) -> None:
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+
     for i, model in enumerate(inputs.models):
         if al.reference is None and i == 0:
             tracker.step(message=f"{model.path.name} is the reference")
             continue
-        aligned, result = align_checkpoint(reference, model, spec, seed=seed, device=device, max_rounds=al.max_rounds)
+        aligned, result = align_checkpoint(reference, model, al.spec, seed=seed, device=device, max_rounds=al.max_rounds, progress=poll)
         inputs.models[i] = aligned
         inputs.alignment.append(result)
         tracker.step(message=f"aligned {model.path.name}")
