@@ -112,7 +112,7 @@ def open_inputs(recipe: Recipe, *, progress: ProgressCallback | None = None, can
     models = []
     for m in recipe.models:
         if m.lora is not None:
-            models.append(open_checkpoint(m.lora, base=open_checkpoint(m.path)))
+            models.append(open_checkpoint(m.lora, base=m.path))
         else:
             models.append(open_checkpoint(m.path, base=base))
     inputs = MergeInputs(base, models)

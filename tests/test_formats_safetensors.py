@@ -63,7 +63,7 @@ def test_names_follow_the_data_order(tmp_path: Path) -> None:
 
 
 def test_opening_reads_only_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Opening reads exactly 8 + header bytes through Python file I/O and maps no tensor data."""
+    """Opening reads exactly 8 + header bytes; `get` then reads exactly that tensor's bytes."""
     path = tmp_path / "m.safetensors"
     save_file({"big": torch.randn(256, 256), "small": torch.ones(3)}, str(path))
     header_len = struct.unpack("<Q", path.read_bytes()[:8])[0]
@@ -75,6 +75,11 @@ def test_opening_reads_only_the_header(tmp_path: Path, monkeypatch: pytest.Monke
             data = super().read(size)
             bytes_read.append(len(data))
             return data
+
+        def readinto(self, buffer) -> int:
+            n = super().readinto(buffer)
+            bytes_read.append(n)
+            return n
 
     def counting_open(file, mode="r", *args, **kwargs):
         assert mode == "rb"
@@ -88,8 +93,8 @@ def test_opening_reads_only_the_header(tmp_path: Path, monkeypatch: pytest.Monke
     assert mapped == []
     assert ck.info("big").nbytes == 256 * 256 * 4
     ck.get("small")
-    assert len(mapped) == 1  # the data is mapped on demand, per read
-    assert sum(bytes_read) == 8 + header_len
+    assert mapped == []  # read, never mapped: a truncated file must not SIGBUS
+    assert sum(bytes_read) == 8 + header_len + 3 * 4  # exactly the tensor asked for
 
 
 def test_get_returns_a_tensor_the_caller_owns(tmp_path: Path) -> None:

@@ -80,9 +80,11 @@ def test_sharded_names_are_grouped_by_shard(tmp_path: Path) -> None:
 
 def test_opening_a_sharded_folder_reads_headers_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = write_sharded(tmp_path / "m", {f"w{i}": torch.randn(64, 64) for i in range(6)})
-    mapped = []
-    real = torch.UntypedStorage.from_file
-    monkeypatch.setattr(torch.UntypedStorage, "from_file", lambda *a, **k: mapped.append(a[0]) or real(*a, **k))
+    mapped = []  # files whose tensor data was read
+    real = safetensors_file.SafetensorsFile._read_copy
+    monkeypatch.setattr(
+        safetensors_file.SafetensorsFile, "_read_copy", lambda self, *a: mapped.append(self.path) or real(self, *a)
+    )
     read_headers = []
     real_read_header = safetensors_file.read_header
     monkeypatch.setattr(safetensors_file, "read_header", lambda p: read_headers.append(Path(p).name) or real_read_header(p))

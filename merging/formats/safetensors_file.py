@@ -2,10 +2,10 @@
 
 The header is parsed here rather than trusted to a library so that every way a
 file can lie (sizes, offsets, dtypes, duplicate names, truncation) becomes one
-message naming the file and the tensor. Tensor data is memory-mapped on demand:
-each `get` maps the file privately (copy-on-write), so the caller owns the
-returned tensor and may modify it in place without touching the file or later
-reads, and no bytes are copied until they are used.
+message naming the file and the tensor. Tensor data is read on demand with a
+plain positioned read into a fresh buffer, so the caller owns the returned
+tensor, and a file truncated by another program during a merge is an error
+rather than a crash (a memory map would raise SIGBUS).
 """
 
 from __future__ import annotations
@@ -245,30 +245,33 @@ class SafetensorsFile(Checkpoint):
             except (RuntimeError, ValueError, OverflowError) as exc:
                 raise CheckpointError(self.path, f"shape {list(entry.shape)} cannot be allocated: {exc}", tensor=name) from None
         start = self._header.data_start + entry.begin
-        try:
-            storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=self._header.file_size)
-        except (RuntimeError, OSError):
-            data = self._read_copy(name, start, entry.nbytes)  # a platform or file system without mapping
-        else:
-            data = torch.empty(0, dtype=torch.uint8).set_(storage, start, (entry.nbytes,))
-            if start % entry.dtype.itemsize:
-                data = data.clone()  # a view of another dtype needs an aligned offset
+        # A plain read into memory we own, not a memory map: a file truncated by
+        # another program mid-merge then gives a short read (an error message)
+        # instead of SIGBUS killing the whole process.
+        data = self._read_copy(name, start, entry.nbytes)
         return data.view(entry.dtype).view(entry.shape)
 
     def _read_copy(self, name: str, start: int, nbytes: int) -> torch.Tensor:
+        """Read `nbytes` at `start`; loops because one read(2) returns at most ~2 GiB."""
         data = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(data.numpy())
+        got = 0
         try:
-            with open(self.path, "rb") as fh:
+            with open(self.path, "rb", buffering=0) as fh:
                 fh.seek(start)
-                got = fh.readinto(memoryview(data.numpy()))
+                while got < nbytes:
+                    n = fh.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
         except OSError as exc:
             raise CheckpointError(self.path, f"cannot read the tensor data: {exc.strerror or exc}", tensor=name) from None
         if got != nbytes:
-            raise CheckpointError(self.path, "the file ended before the tensor data did", tensor=name)
+            raise CheckpointError(self.path, "the file ended before the tensor data did (was it changed during the merge?)", tensor=name)
         return data
 
     def _check_unchanged(self, name: str) -> None:
-        """Mapping a file that shrank since open would crash on access; refuse instead."""
+        """A file that changed size since open no longer matches its header; refuse to read it."""
         try:
             size = os.stat(self.path).st_size
         except OSError as exc:
