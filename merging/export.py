@@ -3,17 +3,22 @@
 Everything is written into a hidden staging folder beside the target and
 renamed into place only when complete, so a Cancel, an exception or a killed
 process never leaves a half-written model where a finished one is expected.
-Replacing an existing output swaps it out and deletes it only after the new
-one is in place.
+Replacing an existing output exchanges the two folders in one atomic step where
+the system can (Linux `renameat2`, macOS `renamex_np`); elsewhere it takes two
+renames, and a kill between them leaves the previous output in a staging folder
+that `clean_stale_staging` puts back.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +40,8 @@ RECIPE_FILE = "alloy_recipe.yaml"
 MERGEKIT_FILE = "mergekit_config.yml"
 CARD_FILE = "README.md"
 STAGING_PREFIX = ".alloy-staging-"
+# Ends the name of a replaced output parked during a two-rename replace; never ends a mkdtemp name.
+REPLACED_SUFFIX = ".REPLACED"
 
 # Files copied beside the weights from the model that provides config/tokenizer.
 SIDE_FILES = (
@@ -110,7 +117,11 @@ class StagedFolder:
         _fsync_tree(self.path)
         old: Path | None = None
         if self.target.exists():
-            old = self.target.with_name(f"{STAGING_PREFIX}old-{self.target.name}-{uuid.uuid4().hex[:8]}")
+            if _exchange(self.path, self.target):  # the staging folder now holds the old output
+                self._committed = True
+                shutil.rmtree(self.path, ignore_errors=True)
+                return self.target
+            old = self.target.with_name(f"{STAGING_PREFIX}{self.target.name}-{uuid.uuid4().hex[:8]}{REPLACED_SUFFIX}")
             os.rename(self.target, old)
         try:
             os.rename(self.path, self.target)
@@ -150,15 +161,58 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
+@functools.lru_cache(maxsize=1)
+def _exchange_call():
+    """The C function that swaps two paths atomically, or None where the system has none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if sys.platform.startswith("linux"):
+            fn = libc.renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            at_fdcwd, rename_exchange = -100, 2
+            return lambda a, b: fn(at_fdcwd, a, at_fdcwd, b, rename_exchange)
+        if sys.platform == "darwin":
+            fn = libc.renamex_np
+            fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
+            rename_swap = 2
+            return lambda a, b: fn(a, b, rename_swap)
+    except (OSError, AttributeError):
+        pass
+    return None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step; False where the system or file system cannot."""
+    call = _exchange_call()
+    if call is None:
+        return False
+    if call(os.fsencode(a), os.fsencode(b)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 def clean_stale_staging(parent: str | Path) -> list[Path]:
-    """Remove staging folders a killed export left behind in `parent`."""
+    """Remove staging folders a killed export left behind in `parent`.
+
+    A previous output parked by a replace that was killed between its two
+    renames is put back at its name instead, when nothing is there.
+    """
     removed = []
     parent = Path(parent)
     if parent.is_dir():
-        for p in parent.iterdir():
-            if p.name.startswith(STAGING_PREFIX) and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
+        for p in sorted(parent.iterdir()):
+            if not (p.name.startswith(STAGING_PREFIX) and p.is_dir()):
+                continue
+            if p.name.endswith(REPLACED_SUFFIX):
+                original = parent / p.name[len(STAGING_PREFIX) : -len(REPLACED_SUFFIX) - 9]
+                if not os.path.lexists(original):
+                    os.rename(p, original)
+                    continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
     return removed
 
 
