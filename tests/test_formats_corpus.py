@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import pickle
 from pathlib import Path
 
@@ -81,7 +82,8 @@ cuts = st.one_of(st.none(), st.integers(0, len(VALID)))
 inserts = st.one_of(st.none(), st.tuples(st.integers(0, len(VALID)), st.binary(min_size=1, max_size=9)))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# `make fuzz` raises the budget through ALLOY_FUZZ_EXAMPLES; CI keeps the small default.
+@settings(max_examples=int(os.environ.get("ALLOY_FUZZ_EXAMPLES", "200")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(byte_edits=byte_edits, digit_edits=digit_edits, cut=cuts, insert=inserts)
 def test_fuzzed_safetensors_open_or_fail_cleanly(tmp_path_factory, byte_edits, digit_edits, cut, insert) -> None:
     """Mutated bytes either read back or raise CheckpointError; never another exception, never a crash.
