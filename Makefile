@@ -37,7 +37,7 @@ fuzz: $(STAMP)
 	done
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) .venv-package build dist *.egg-info
 
 # The double-click desktop app (packaging/alloy.spec): a one-folder PyInstaller build in dist/alloy/, made from
 # a separate venv that holds only the app's runtime dependencies (same pins) plus PyInstaller.
