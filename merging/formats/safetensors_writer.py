@@ -11,14 +11,13 @@ spaces to a multiple of 8, offsets relative to the data area).
 from __future__ import annotations
 
 import json
-import math
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
 import torch
 
+from ..checkpoint import TensorInfo
 from .st_dtypes import TORCH_TO_SAFETENSORS
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3  # transformers' default max_shard_size "5GB"
@@ -26,15 +25,9 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-@dataclass(frozen=True)
-class PlannedTensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+# What the writer needs to know of a tensor before its data exists: the same
+# facts a reader's header gives.
+PlannedTensor = TensorInfo
 
 
 def plan_shards(tensors: Iterable[PlannedTensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[list[PlannedTensor]]:
