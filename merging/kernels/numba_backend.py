@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Any, Sequence
 
 import numba
@@ -26,15 +27,36 @@ _PARALLEL_MIN = 1 << 16  # below this many parameters a kernel runs serially (no
 _HIST_CHUNK = 1 << 18  # parameters per chunk of a counting pass (each chunk owns its histograms)
 _MAX_CHUNK = 1 << 30  # keeps int32 per-chunk counts from overflowing
 _BLOCK = 256  # parameters per block in the blocked kernels (inner loops vectorise over a block)
-_CACHE = os.environ.get("ALLOY_NUMBA_CACHE", "1") != "0"
+
+
+def _cache_enabled() -> bool:
+    """Cache compiled kernels on disk unless told not to or unable to.
+
+    `ALLOY_NUMBA_CACHE=0` turns caching off. In a frozen app numba can only cache
+    when this module's source file exists on disk; then the cache goes to
+    `NUMBA_CACHE_DIR` or, if unset, the user's cache folder. Otherwise kernels
+    compile once per launch.
+    """
+    if os.environ.get("ALLOY_NUMBA_CACHE", "1") == "0":
+        return False
+    if getattr(sys, "frozen", False):
+        if not os.path.exists(__file__):
+            return False
+        if not numba.config.CACHE_DIR:
+            root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+            numba.config.CACHE_DIR = os.path.join(root, "alloy", "numba")
+    return True
+
+
+_CACHE = _cache_enabled()
 SAMPLE = 1 << 14  # values sampled to bracket a rank in tensor-scope selection
 
 
-def _chunks(m: int, per_chunk: int = _PARALLEL_MIN) -> int:
+def _chunks(m: int, per_chunk: int = _PARALLEL_MIN, per_thread: int = 4) -> int:
     """Number of chunks to split m parameters into; 1 means run serially."""
     if m < per_chunk:
         return 1
-    return int(max(1, min(numba.get_num_threads() * 4, m // per_chunk), -(-m // _MAX_CHUNK)))
+    return int(max(1, min(numba.get_num_threads() * per_thread, m // per_chunk), -(-m // _MAX_CHUNK)))
 
 
 # -- scalar helpers (inlined into the kernels) ---------------------------------
@@ -616,7 +638,7 @@ class NumbaBackend(Backend):
     # -- selection -------------------------------------------------------------------
     def hist_hi(self, flat: Flat, mode: int) -> np.ndarray:
         out = np.zeros((flat.n, 65536), np.int64)
-        nch = _chunks(flat.m, _HIST_CHUNK)
+        nch = _chunks(flat.m, _HIST_CHUNK, per_thread=1)  # each chunk owns (n, 65536) counts
         if nch == 1:
             part = np.zeros((flat.n, 65536), np.int32)
             _hist_hi_range(flat.models, flat.base, flat.w, mode, 0, flat.m, part)
@@ -629,7 +651,7 @@ class NumbaBackend(Backend):
         prefixes = np.ascontiguousarray(prefixes, dtype=np.int64)
         out = np.zeros((flat.n, prefixes.shape[1], 65536), np.int64)
         lo_val, hi_val = _prefix_ranges(prefixes)
-        nch = _chunks(flat.m, _HIST_CHUNK)
+        nch = _chunks(flat.m, _HIST_CHUNK, per_thread=1)  # each chunk owns (n, 65536) counts
         if nch == 1:
             part = np.zeros(out.shape, np.int32)
             _hist_lo_range(flat.models, flat.base, flat.w, mode, prefixes, lo_val, hi_val, 0, flat.m, part)

@@ -159,8 +159,9 @@ class TorchBackend(Backend):
         gsum = int(g.sum())
         open_sign = (g == 0) & (trimmed != 0).any(dim=0)
         fallback = int(open_sign.sum())
-        provisional = majority == PROVISIONAL
-        g = torch.where(g == 0, torch.full_like(g, 1.0 if provisional else float(majority)), g)
+        if majority == PROVISIONAL:  # the whole tensor's Σγ is already known here: no second step needed
+            majority = int(np.sign(gsum))
+        g = torch.where(g == 0, torch.full_like(g, float(majority)), g)
         selected = torch.where(g[None] > 0, trimmed > 0, trimmed < 0)
         chosen = torch.where(selected, trimmed, torch.zeros((), device=self.device))
         if merge == 0:
@@ -175,14 +176,11 @@ class TorchBackend(Backend):
             delta = self._sum_in_order(chosen)
         else:
             delta = chosen.abs().amax(dim=0) * g
-        out = flat.base + delta * _f(lam)
-        if provisional:
-            out = torch.where(open_sign, torch.full_like(out, float("nan")), out)
-        return out, gsum, fallback
+        return flat.base + delta * _f(lam), gsum, fallback
 
     def ties_fixup(self, flat: Flat, thr, lam: float, merge: int, weighted: bool, majority: int, out):
-        full, _, _ = self.ties_merge(flat, thr, lam, merge, weighted, majority)
-        return torch.where(torch.isnan(out), full, out)
+        # ties_merge above resolves a provisional majority itself, so nothing is left open
+        return out
 
     # -- DARE ------------------------------------------------------------------------------
     def dare(self, flat: Flat, k0, k1, keep_below, scale) -> Flat:
