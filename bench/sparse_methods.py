@@ -186,6 +186,35 @@ def write_recipe(folder: Path, label: str, method: str, params: dict, backend: s
     return path
 
 
+def markdown(results: dict) -> str:
+    """The run as Markdown tables (for bench/results/)."""
+    m = results["machine"]
+    lines = [
+        "# Sparse merge methods: throughput and peak RSS",
+        "",
+        f"Base + {results.get('models', 3)} synthetic fine-tunes, {results['input_gb']:.2f} GB of float32 input in all; "
+        f"{m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads). Memory bandwidth measured in the same run: "
+        f"copy {results['memory_copy_gbps']} GB/s (read + write), read {results['memory_read_gbps']} GB/s. "
+        f"Reading every input tensor once: {results['read_once_s']:.2f} s. "
+        "End-to-end = `alloy merge` in a fresh process (read, merge, write the output folder), median of the runs listed.",
+        "",
+        "| case | backend | median s | runs | GB/s of input | x read-once | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["runs"]:
+        lines.append(f"| {r['case']} | {r['backend']} | {r['median_s']:.2f} | {len(r['times_s'])} | {r['gbps']:.2f} | {r['x_read_once']:.2f} | {r['peak_rss_mb']:.0f} |")
+    if results.get("compute_only"):
+        lines += ["", "Compute only (inputs already in memory, no reading or writing), GB/s of input:", "",
+                  "| case | numba | torch (eager) | naive torch TIES |", "|---|---:|---:|---:|"]
+        table: dict = {}
+        for r in results["compute_only"]:
+            table.setdefault(r["case"], {})[r["backend"]] = r["gbps"]
+        for case, row in table.items():
+            cells = [f"{row[b]:.2f}" if b in row else "" for b in ("numba", "torch", "naive")]
+            lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=0.25, help="size of each model in GB (default 0.25; the README figures use 1)")
@@ -197,6 +226,7 @@ def main() -> None:
     ap.add_argument("--backend", action="append", choices=["numba", "torch", "naive"], help="only these backends")
     ap.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "alloy-bench")
     ap.add_argument("--json", type=Path, help="write the results here too")
+    ap.add_argument("--markdown", type=Path, help="write the tables as Markdown here too")
     args = ap.parse_args()
 
     from merging.kernels.numba_backend import warm_up
@@ -254,8 +284,12 @@ def main() -> None:
     if ("ties tensor", "numba") in by and ("ties global", "numba") in by:
         t, g = by[("ties tensor", "numba")], by[("ties global", "numba")]
         print(f"\nTIES numba: tensor scope {t / read_s:.2f}x read-once (target <= 3), global / tensor {g / t:.2f} (target <= 2)")
+    results["models"] = args.models
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(results))
 
 
 if __name__ == "__main__":

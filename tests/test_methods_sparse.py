@@ -234,7 +234,7 @@ def test_ties_zero_sum_uses_majority_sign_of_the_scope():
     }
     # global: γ = (0, -1, -1, 0 | +1, 0, -1) -> Σγ = -2 -> column a[0] takes the negative entry -0.5
     got, stats = run("ties", base, models, params={"density": 1.0, "scope": "global"})
-    assert stats.majority == -1
+    assert stats.majority == -1 and stats.passes == 1 and stats.total == 7
     np.testing.assert_allclose(got["a"], [-0.5, -0.25, -0.5, 0.0])
     np.testing.assert_allclose(got["b"], [0.25, 0.0, -0.75])
     # tensor scope: tensor a votes negative (same result); tensor b alone has no zero-sum column

@@ -549,23 +549,35 @@ def _pcb_scores_kernel(models, base, lo, hi, nch, out):
 
 @njit(cache=_CACHE)
 def _pcb_merge_range(models, base, scores, lo, hi, q, smax, lamw, lam, start, stop, out):
+    """Blocked like the TIES merge: models outside, parameters inside, branch-free."""
     n = models.shape[0]
-    for p in range(start, stop):
-        b = base[p]
-        num = np.float32(0.0)
-        den = np.float32(0.0)
+    zero = np.float32(0.0)
+    num = np.empty(_BLOCK, np.float32)
+    den = np.empty(_BLOCK, np.float32)
+    for p0 in range(start, stop, _BLOCK):
+        size = min(_BLOCK, stop - p0)
+        bs = base[p0:p0 + size]
+        num[:size] = zero
+        den[:size] = zero
         for j in range(n):
-            span = smax[j] - q[j]
-            if span > 0:
-                wgt = (max(scores[j, p], q[j]) - q[j]) / span
-            else:
-                wgt = np.float32(0.0)
-            x = models[j, p] - b
-            a = min(max(abs(x), lo[j]), hi[j])
-            clipped = a if x > 0 else (-a if x < 0 else np.float32(0.0))
-            num += lamw[j] * wgt * clipped
-            den += wgt
-        out[p] = b + lam * (num / max(den, np.float32(1e-12)))
+            mj = models[j, p0:p0 + size]
+            sj = scores[j, p0:p0 + size]
+            qj = q[j]
+            span = smax[j] - qj
+            inv = np.float32(1.0) / span if span > zero else zero
+            loj = lo[j]
+            hij = hi[j]
+            lw = lamw[j]
+            for i in range(size):
+                wgt = (max(sj[i], qj) - qj) * inv if span > zero else zero
+                x = mj[i] - bs[i]
+                a = min(max(abs(x), loj), hij)
+                clipped = a if x > zero else (-a if x < zero else zero)
+                num[i] += lw * wgt * clipped
+                den[i] += wgt
+        o = out[p0:p0 + size]
+        for i in range(size):
+            o[i] = bs[i] + lam * (num[i] / max(den[i], np.float32(1e-12)))
 
 
 @njit(parallel=True, cache=_CACHE)

@@ -249,8 +249,8 @@ class TorchBackend(Backend):
     def pcb_merge(self, flat: Flat, scores: Flat, lo, hi, q, smax, lamw, lam: float):
         q_t = self._vec(q)[:, None]
         span = self._vec(smax)[:, None] - q_t
-        safe = torch.where(span > 0, span, torch.ones_like(span))
-        wgt = torch.where(span > 0, (torch.maximum(scores.models, q_t) - q_t) / safe, torch.zeros((), device=self.device))
+        inv = torch.where(span > 0, 1.0 / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(span))
+        wgt = (torch.maximum(scores.models, q_t) - q_t) * inv  # times the reciprocal, as the numba kernel
         x = flat.models - flat.base
         clipped = torch.sign(x) * self._clipped_abs(x, lo, hi)
         num = self._sum_in_order(self._vec(lamw)[:, None] * wgt * clipped)

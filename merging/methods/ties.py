@@ -18,14 +18,16 @@ top 16 bits of every model's |wᵢτᵢ| keys; 2) count the low 16 bits inside t
 threshold bin, which gives the exact thresholds, and at the same time sum the
 elected signs of the parameters the bin bounds already decide; 3) only when
 those bounds cannot decide the majority sign, one more pass sums the signs
-exactly. So 2 passes (3 in rare near-balanced models), then the merge.
-`scope: tensor` reads each tensor once.
+exactly. So 2 passes (3 in rare near-balanced models; 1 when every density
+is 0 or 1, which needs no threshold), then the merge. The statistics take a few
+(n, 65536) count arrays, whatever the size of the model. `scope: tensor` reads
+each tensor once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,9 +102,6 @@ class TiesStats:
     passes: int  # streaming passes prepare used
 
 
-FlatFn = Callable[[TensorJob, Backend], Flat]
-
-
 class TiesFamily(MergeMethod):
     """TIES steps 1–4 on whatever `task_flat` returns (plain task vectors here, DARE'd ones in dare_ties)."""
 
@@ -126,28 +125,25 @@ class TiesFamily(MergeMethod):
         rule = param_value(params, self, "trim_rule")
         densities: list[float] | None = None
         first = ""
-        why = _WHY
 
         def checked(job: TensorJob) -> list[float]:
             nonlocal densities, first
             d = self.trim_densities(job.params, job.n)
             if densities is None:
                 densities, first = d, job.name
-            check_same(job, self.density_param, d, densities, why, first)
-            check_same(job, "trim_rule", param_value(job.params, self, "trim_rule"), rule, why, first)
+            check_same(job, self.density_param, d, densities, _WHY, first)
+            check_same(job, "trim_rule", param_value(job.params, self, "trim_rule"), rule, _WHY, first)
             return d
 
         passes = 0
         selector: RadixSelect | None = None
         total = 0
-        # pass 1: counts of the top key bits (skipped when no model needs a threshold)
+        # pass 1: counts of the top key bits (skipped when every density keeps all or nothing)
         jobs = global_jobs(stream, self)
         head = next(jobs, None)
         if head is None:
             return None
-        d0 = checked(head)
-        trivial = all(d >= 1 or d <= 0 for d in d0)
-        if not trivial:
+        if not all(d >= 1 or d <= 0 for d in checked(head)):
             selector = RadixSelect(head.n, MODE_ABS_DELTA)
             for job in _chain(head, jobs):
                 checked(job)
@@ -155,11 +151,7 @@ class TiesFamily(MergeMethod):
                 selector.add_hi(be, self.task_flat(job, be))
             total = selector.total
             passes += 1
-        else:
-            for job in _chain(head, jobs):
-                checked(job)
-                total += job.models[0].numel()
-        plan, rules = trim_plan(total, densities, rule)
+        plan, rules = trim_plan(max(total, 1), densities, rule)
         n = len(densities)
         # pass 2: exact thresholds, and the signs the bin bounds already decide
         lo = np.empty(n, np.float32)
@@ -179,6 +171,9 @@ class TiesFamily(MergeMethod):
             flat = self.task_flat(job, be)
             if selector is not None:
                 selector.add_lo(be, flat)
+            else:
+                checked(job)
+                total += flat.m
             c, u = be.ties_sign(flat, lo, hi)
             certain += c
             undecided += u
