@@ -81,6 +81,23 @@ class Checkpoint:
             )
         return tensor
 
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Fill `out` (the tensor's shape, any dtype) with one tensor's values.
+
+        The executor reads straight into its stacked compute buffer this way;
+        formats that can read the bytes in place skip the intermediate copy.
+        """
+        info = self.info(name)
+        if tuple(out.shape) != info.shape:
+            raise CheckpointError(self.path, f"cannot read {info.shape} into a buffer of shape {tuple(out.shape)}", tensor=name)
+        if out.dtype == info.dtype and out.device.type == "cpu" and out.is_contiguous() and self._read_bytes_into(name, out):
+            return
+        out.copy_(self.get(name))
+
+    def _read_bytes_into(self, name: str, out: torch.Tensor) -> bool:
+        """Read the stored bytes straight into `out` if this format can; False to fall back to `get`."""
+        return False
+
     def _load(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 

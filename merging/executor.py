@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .buffers import BufferPool
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint, parse_dtype
 from .errors import AlloyError, CheckpointError, RecipeError
 from .export import StagedFolder, copy_side_files, write_recipe_files
@@ -236,34 +237,41 @@ class _Loader:
 
     For a merged tensor it returns the base and the models already converted to
     the compute dtype and stacked into one buffer the job owns, so the compute
-    thread does no copying of its own.
+    thread does no copying of its own. Inputs stored in the compute dtype are
+    read straight into that buffer. `check_finite` is off for the later passes
+    of a multi-pass merge: the first pass has vouched for the values, and the
+    change detection catches a file rewritten in between.
     """
 
-    def __init__(self, plan: MergePlan):
+    def __init__(self, plan: MergePlan, pool: BufferPool, *, check_finite: bool = True):
         self.plan = plan
+        self.pool = pool
         self.pin = plan.device.type == "cuda"
+        self.check = check_finite and not plan.recipe.allow_nonfinite
+
+    def _empty(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.pin:  # torch caches pinned host memory itself
+            return torch.empty(shape, dtype=self.plan.compute_dtype, pin_memory=True)
+        return self.pool.empty(shape, self.plan.compute_dtype)
 
     def load(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor] | torch.Tensor:
         plan = self.plan
         if name not in plan.merged:
             return plan.copy_from[name].get(name)
-        check = not plan.recipe.allow_nonfinite
-        dt = plan.compute_dtype
+        shape = plan.out_infos[name].shape
         base = None
         if plan.inputs.base is not None:
-            raw = plan.inputs.base.get(name)
-            if check:
-                _check_finite(raw, plan.inputs.base, name)
-            base = raw.to(dt, copy=True)
-        shape = plan.out_infos[name].shape
-        stacked = torch.empty((len(plan.inputs.models), *shape), dtype=dt, pin_memory=self.pin)
+            base = self._empty(shape)
+            self._read(plan.inputs.base, name, base)
+        stacked = self._empty((len(plan.inputs.models), *shape))
         for i, ck in enumerate(plan.inputs.models):
-            raw = ck.get(name)
-            if check:
-                _check_finite(raw, ck, name)
-            stacked[i].copy_(raw)
-            del raw
+            self._read(ck, name, stacked[i])
         return base, stacked
+
+    def _read(self, ck: Checkpoint, name: str, out: torch.Tensor) -> None:
+        ck.read_into(name, out)
+        if self.check:
+            _check_finite(out, ck, name)
 
     def stream(self, names: list[str], cancel: CancelToken | None) -> Iterator[tuple[str, Any]]:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alloy-read")
@@ -345,24 +353,31 @@ def _run_method(plan: MergePlan, job: TensorJob) -> torch.Tensor:
     return out
 
 
-def _prepare(plan: MergePlan, backend: Any, progress: ProgressCallback | None, cancel: CancelToken | None) -> Any:
-    """Run the method's whole-model pass(es) for global scope, if it needs them."""
+def _prepare(plan: MergePlan, backend: Any, pool: BufferPool, progress: ProgressCallback | None, cancel: CancelToken | None) -> tuple[Any, bool]:
+    """Run the method's whole-model pass(es) for global scope, if it needs them.
+
+    Returns the method's statistics and whether a pass read (and checked) every merged tensor.
+    """
     names = [n for n in plan.order if n in plan.merged]
     if not names:
-        return None
+        return None, False
     params = plan.recipe.resolve(names[0], plan.layers)
     if not plan.method.needs_prepare(params):
-        return None
-    loader = _Loader(plan)
+        return None, False
     bytes_total = sum(plan.tensor_input_bytes(n) for n in names)
+    checked = False  # a pass has read every merged tensor and checked its values
 
     def stream() -> Iterator[TensorJob]:
+        nonlocal checked
+        loader = _Loader(plan, pool, check_finite=not checked)
         tracker = ProgressTracker("prepare", len(names), bytes_total, progress, cancel)
         for name, data in loader.stream(names, cancel):
             yield _make_job(plan, name, data, backend, None)
             tracker.step(plan.tensor_input_bytes(name), name)
+        checked = True
 
-    return plan.method.prepare(params, stream)
+    stats = plan.method.prepare(params, stream)
+    return stats, checked
 
 
 def iter_merged_tensors(
@@ -379,9 +394,10 @@ def iter_merged_tensors(
     """
     plan = plan_or_recipe if isinstance(plan_or_recipe, MergePlan) else plan_merge(plan_or_recipe, open_inputs(plan_or_recipe))
     backend = _backend_for(plan)
-    stats = _prepare(plan, backend, progress, cancel)
+    pool = BufferPool()  # shared by every pass, so later passes reuse the first one's memory
+    stats, checked = _prepare(plan, backend, pool, progress, cancel)
     tracker = ProgressTracker("merge", len(plan.order), plan.input_bytes, progress, cancel)
-    for name, data in _Loader(plan).stream(plan.order, cancel):
+    for name, data in _Loader(plan, pool, check_finite=not checked).stream(plan.order, cancel):
         if name in plan.merged:
             job = _make_job(plan, name, data, backend, stats)
             yield name, job.base, _run_method(plan, job)

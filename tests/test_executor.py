@@ -204,6 +204,43 @@ def test_failure_midway_leaves_nothing_and_names_file_and_tensor(tmp_path: Path)
     assert torch.isnan(load_file(str(tmp_path / "out" / "model.safetensors"))["layers.1.w"][0, 0])
 
 
+def test_global_scope_checks_values_on_its_first_pass_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import merging.executor as executor
+
+    base, fts = _family(tmp_path)
+    checked: list[str] = []
+    real = executor._check_finite
+    monkeypatch.setattr(executor, "_check_finite", lambda t, ck, name: (checked.append(name), real(t, ck, name)))
+    text = "merge_method: ties\nbase_model: base\nmodels: [ft0, ft1]\nparameters: {density: 0.5, scope: global}\n"
+    run_merge(_recipe(tmp_path, text), tmp_path / "out")
+    assert sorted(checked) == sorted(n for n, t in base.items() if t.is_floating_point() for _ in range(3))  # base + 2 models, once each
+    fts[1]["layers.1.w"][0, 0] = float("inf")
+    write_model(tmp_path / "ft1", fts[1], CONFIG)
+    with pytest.raises(CheckpointError, match="Inf") as err:
+        run_merge(_recipe(tmp_path, text), tmp_path / "out2")
+    assert err.value.tensor == "layers.1.w" and "ft1" in str(err.value)
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_tensors_a_dry_run_yields_stay_intact_while_later_ones_are_read(tmp_path: Path, method: str) -> None:
+    """Read buffers are recycled between tensors; never one the caller still holds."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {f"layers.{i}.w": (512, 640) for i in range(6)}  # 1.3 MB each: pooled
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    write_model(tmp_path / "base", base, CONFIG)
+    for i in range(2):
+        write_model(tmp_path / f"ft{i}", {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, CONFIG)
+    extra = "parameters: {density: 0.5, scope: global}\n" if method == "ties" else ""
+    recipe = _recipe(tmp_path, f"merge_method: {method}\nbase_model: base\nmodels: [ft0, ft1]\n{extra}")
+    kept = [(name, b, m, b.clone(), m.clone()) for name, b, m in iter_merged_tensors(recipe)]
+    assert [k[0] for k in kept] == list(shapes)
+    for name, b, m, b_copy, m_copy in kept:
+        assert torch.equal(b, b_copy) and torch.equal(b, base[name]), name
+        assert torch.equal(m, m_copy), name
+    assert len({b.data_ptr() for _, b, *_ in kept}) == len(kept)
+
+
 def test_existing_output_is_kept_unless_overwrite(tmp_path: Path) -> None:
     _family(tmp_path)
     recipe = _recipe(tmp_path, "merge_method: task_arithmetic\nbase_model: base\nmodels: [ft0]\n")

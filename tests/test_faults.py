@@ -237,9 +237,10 @@ _FORK_SERVER = textwrap.dedent(
     from merging.formats.safetensors_file import SafetensorsFile
 
     def change_input_after_get(victim, when, how):
-        # Alter `victim` right after get() returned `when` (before the merge has copied its bytes).
+        # Alter `victim` right after `when` was read (by get or read_into), before the merge has used its bytes.
         victim = Path(victim)
         original_get = SafetensorsFile.get
+        original_read_into = SafetensorsFile.read_into
 
         def change():
             if how == "truncate":
@@ -257,7 +258,13 @@ _FORK_SERVER = textwrap.dedent(
                 change()
             return tensor
 
+        def read_into(self, name, out):
+            original_read_into(self, name, out)
+            if self.path == victim and name == when:
+                change()
+
         SafetensorsFile.get = get
+        SafetensorsFile.read_into = read_into
 
     reply = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever the merges print goes to stderr, not into the replies

@@ -179,3 +179,43 @@ def test_diffusers_pipeline_root_points_to_components(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="diffusers pipeline") as info:
         open_checkpoint(root)
     assert "unet" in str(info.value) and info.value.path == root
+
+
+@pytest.mark.parametrize("torch_format", [False, True], ids=["safetensors", "torch"])
+def test_read_into_fills_buffers_of_any_dtype_and_layout(tmp_path: Path, torch_format: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    tensors = corpus.roundtrip_tensors()
+    ck = open_checkpoint(write_sharded(tmp_path / "model", tensors, torch_format=torch_format))
+    if not torch_format:  # stored dtype into a contiguous buffer: the bytes go straight in, no get()
+        monkeypatch.setattr(SafetensorsFile, "_load", lambda self, name: pytest.fail(f"read {name} through get"))
+    for name, want in tensors.items():
+        same = torch.full_like(want, 7) if want.numel() else torch.empty_like(want)
+        ck.read_into(name, same)
+        assert torch.equal(same, want), name
+    monkeypatch.undo()
+    for name, want in tensors.items():
+        if not want.is_floating_point():
+            continue
+        upcast = torch.zeros(want.shape, dtype=torch.float64)
+        ck.read_into(name, upcast)
+        assert torch.equal(upcast, want.double()), name
+        if want.dim() == 2:  # a strided view, e.g. one row of a stacked buffer transposed
+            wide = torch.zeros(want.shape[1], want.shape[0], dtype=want.dtype).t()
+            ck.read_into(name, wide)
+            assert torch.equal(wide, want), name
+    name = next(n for n, t in tensors.items() if t.dim() >= 1 and t.numel() > 1)
+    with pytest.raises(CheckpointError, match="buffer of shape") as info:
+        ck.read_into(name, torch.empty(tensors[name].numel() + 1))
+    assert info.value.tensor == name
+    ck.close()
+
+
+def test_read_into_a_shard_truncated_after_opening_is_an_error(tmp_path: Path) -> None:
+    tensors = {f"w{i}": torch.randn(32, 32) for i in range(4)}
+    folder = write_sharded(tmp_path / "m", tensors, n=2)
+    ck = open_checkpoint(folder)
+    shard = ck.shard_of("w3")
+    os.truncate(shard, shard.stat().st_size - 100)
+    with pytest.raises(CheckpointError, match="changed on disk") as info:
+        ck.read_into("w3", torch.empty(32, 32))
+    assert info.value.tensor == "w3" and info.value.path == shard
+    ck.close()

@@ -30,3 +30,16 @@ def test_finite_and_non_float_tensors_pass() -> None:
     check_finite(torch.arange(5), "a", "ids")
     check_finite(torch.tensor([True, False]), "a", "mask")
     check_finite(torch.empty(0), "a", "empty")
+
+
+def test_finite_values_whose_sum_overflows_still_pass() -> None:
+    big = torch.finfo(torch.float32).max
+    check_finite(torch.tensor([big, big, -big, big]), "a", "w")  # the sum is +Inf; every value is finite
+    check_finite(torch.full((1000,), 60000.0, dtype=torch.float16), "a", "w")
+    check_finite(torch.full((10,), torch.finfo(torch.float64).max, dtype=torch.float64), "a", "w")
+
+
+def test_opposite_infinities_that_cancel_in_a_sum_are_caught() -> None:
+    t = torch.tensor([1.0, float("inf"), float("-inf"), 2.0])  # the sum is NaN, not Inf
+    with pytest.raises(CheckpointError, match=r"\(0 NaN, 2 Inf of 4 values\)"):
+        check_finite(t, "a", "w")

@@ -251,9 +251,21 @@ class SafetensorsFile(Checkpoint):
         data = self._read_copy(name, start, entry.nbytes)
         return data.view(entry.dtype).view(entry.shape)
 
+    def _read_bytes_into(self, name: str, out: torch.Tensor) -> bool:
+        entry = self._header.entries[name]
+        self._check_unchanged(name)
+        if entry.nbytes:
+            self._read_exact(name, self._header.data_start + entry.begin, out.reshape(-1).view(torch.uint8))
+        return True
+
     def _read_copy(self, name: str, start: int, nbytes: int) -> torch.Tensor:
-        """Read `nbytes` at `start`; loops because one read(2) returns at most ~2 GiB."""
         data = torch.empty(nbytes, dtype=torch.uint8)
+        self._read_exact(name, start, data)
+        return data
+
+    def _read_exact(self, name: str, start: int, data: torch.Tensor) -> None:
+        """Fill the byte tensor `data` from `start`; loops because one read(2) returns at most ~2 GiB."""
+        nbytes = data.numel()
         view = memoryview(data.numpy())
         got = 0
         try:
@@ -268,7 +280,6 @@ class SafetensorsFile(Checkpoint):
             raise CheckpointError(self.path, f"cannot read the tensor data: {exc.strerror or exc}", tensor=name) from None
         if got != nbytes:
             raise CheckpointError(self.path, "the file ended before the tensor data did (was it changed during the merge?)", tensor=name)
-        return data
 
     def _check_unchanged(self, name: str) -> None:
         """A file that changed size since open no longer matches its header; refuse to read it."""

@@ -119,6 +119,9 @@ class ShardedCheckpoint(Checkpoint):
     def _load(self, name: str) -> torch.Tensor:
         return self._shards[self._weight_map[name]].get(name)
 
+    def _read_bytes_into(self, name: str, out: torch.Tensor) -> bool:
+        return self._shards[self._weight_map[name]]._read_bytes_into(name, out)
+
     def files(self) -> list[Path]:
         return [self.index_path] + [self.path / s for s in sorted(self._shards)]
 
