@@ -19,7 +19,7 @@ from PySide6.QtWidgets import (
 
 from .resources import icon
 from .theme import current_colors
-from .widgets import accept_file_drag, local_paths
+from .widgets import accept_file_drag, accept_file_drop
 from .workspace import (
     ROLE_BASE,
     ROLES,
@@ -346,13 +346,9 @@ class CheckpointView(QTableView):
         accept_file_drag(event)
 
     def dropEvent(self, event: QDropEvent) -> None:
-        paths = local_paths(event.mimeData())
-        if not paths:
-            event.ignore()
-            return
-        event.setDropAction(Qt.DropAction.CopyAction)
-        event.accept()
-        self.paths_dropped.emit(paths)
+        paths = accept_file_drop(event)
+        if paths:
+            self.paths_dropped.emit(paths)
 
     def keyPressEvent(self, event) -> None:
         if event.matches(QKeySequence.StandardKey.Delete) or event.key() == Qt.Key.Key_Backspace:

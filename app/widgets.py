@@ -27,14 +27,23 @@ def local_paths(mime: QMimeData | None) -> list[Path]:
     return [Path(url.toLocalFile()) for url in mime.urls() if url.isLocalFile() and url.toLocalFile()]
 
 
-def accept_file_drag(event: QDragEnterEvent) -> bool:
-    """Accept a drag that carries local files; the drop handler decides what each one is."""
-    if local_paths(event.mimeData()):
+def accept_file_drop(event: QDragEnterEvent | QDropEvent) -> list[Path]:
+    """Accept a drag or drop that carries local files and return them; ignore it (and return []) otherwise.
+
+    The drop handler decides what each file is.
+    """
+    paths = local_paths(event.mimeData())
+    if paths:
         event.setDropAction(Qt.DropAction.CopyAction)
         event.accept()
-        return True
-    event.ignore()
-    return False
+    else:
+        event.ignore()
+    return paths
+
+
+def accept_file_drag(event: QDragEnterEvent) -> bool:
+    """Accept a drag that carries local files."""
+    return bool(accept_file_drop(event))
 
 
 class MessageBanner(QFrame):
@@ -160,10 +169,6 @@ class DropZone(QFrame):
 
     def dropEvent(self, event: QDropEvent) -> None:
         self._set_dragging(False)
-        paths = local_paths(event.mimeData())
-        if not paths:
-            event.ignore()
-            return
-        event.setDropAction(Qt.DropAction.CopyAction)
-        event.accept()
-        self.paths_dropped.emit(paths)
+        paths = accept_file_drop(event)
+        if paths:
+            self.paths_dropped.emit(paths)
