@@ -297,3 +297,33 @@ def test_cuda_kernels_match_numba(random_flat_inputs):
     assert a[1:3] == b[1:3]
     np.testing.assert_array_equal(a[3] != 0, b[3] != 0)
     assert a[4] == b[4]
+
+
+class _Sparse:
+    """A stand-in array for indices past 2**32 (the kernel's Python body reads and writes through it)."""
+
+    def __init__(self, shape, value=1.0):
+        self.shape, self.value, self.cells = shape, value, {}
+
+    def __getitem__(self, key):
+        return self.cells.get(key, self.value)
+
+    def __setitem__(self, key, value):
+        self.cells[key] = value
+
+
+def test_numba_dare_mask_past_two_to_the_32_equals_reference_hash():
+    """Indices whose high word changes inside one range, run through the kernel's own Python body."""
+    from merging.kernels.numba_backend import _dare_range
+
+    start, stop = 2**32 - 5, 2**32 + 5
+    models, out = _Sparse((2, stop), np.float32(2.0)), _Sparse((2, stop))
+    base = _Sparse((stop,), np.float32(1.0))
+    k0, k1 = np.array([11, 33], np.int64), np.array([22, 44], np.int64)
+    below = np.array([keep_threshold(0.5), keep_threshold(0.5)], np.int64)
+    _dare_range.py_func(models, base, k0, k1, below, np.ones(2, np.float32), start, stop, out)
+    idx = np.arange(start, stop, dtype=np.int64)
+    for j in range(2):
+        got = np.array([out[j, int(p)] != 0 for p in idx])
+        np.testing.assert_array_equal(got, dare_hash(idx, int(k0[j]), int(k1[j])) < below[j])
+    assert {bool(out[0, int(p)] != 0) for p in idx} == {True, False}  # both outcomes occur

@@ -21,6 +21,7 @@ import torch
 from numba import njit, prange
 
 from .base import MODE_ABS_DELTA, PROVISIONAL, Backend, Flat, as_f32
+from .keys import GOLDEN32
 from .keys import RankPlan, key_to_float
 
 _PARALLEL_MIN = 1 << 16  # below this many parameters a kernel runs serially (no thread launch)
@@ -73,13 +74,14 @@ def _key(v):
 
 @njit(inline="always", cache=_CACHE)
 def _fmix32(x):
-    x = x & np.uint64(0xFFFFFFFF)
-    x ^= x >> np.uint64(16)
-    x = (x * np.uint64(0x85EBCA6B)) & np.uint64(0xFFFFFFFF)
-    x ^= x >> np.uint64(13)
-    x = (x * np.uint64(0xC2B2AE35)) & np.uint64(0xFFFFFFFF)
-    x ^= x >> np.uint64(16)
-    return x
+    """MurmurHash3's finaliser in uint32 lanes (the casts keep the multiplies 32-bit, so the loop vectorises)."""
+    x = np.uint32(x)
+    x ^= x >> np.uint32(16)
+    x = np.uint32(x * np.uint32(0x85EBCA6B))
+    x ^= x >> np.uint32(13)
+    x = np.uint32(x * np.uint32(0xC2B2AE35))
+    x ^= x >> np.uint32(16)
+    return np.uint32(x)
 
 
 @njit(inline="always", cache=_CACHE)
@@ -381,17 +383,20 @@ def _ties_fixup(models, base, w, thr, lam, merge, weighted, majority, out):
 def _dare_range(models, base, k0, k1, keep_below, scale, start, stop, out):
     n = models.shape[0]
     for j in range(n):
-        a0 = np.uint64(k0[j])
-        a1 = np.uint64(k1[j])
+        a0 = np.uint32(k0[j])
+        a1 = np.uint32(k1[j])
         limit = keep_below[j]
         f = scale[j]
-        for p in range(start, stop):
-            idx = np.uint64(p)
-            x = _fmix32((idx & np.uint64(0xFFFFFFFF)) ^ a0)
-            x = x ^ a1 ^ (((idx >> np.uint64(32)) * np.uint64(0x9E3779B9)) & np.uint64(0xFFFFFFFF))
-            x = _fmix32(x)
-            t = (models[j, p] - base[p]) * f
-            out[j, p] = t if np.int64(x) < limit else np.float32(0.0)
+        seg = start
+        while seg < stop:  # the index's high word is constant within each 2**32-long segment
+            end = min(stop, ((seg >> 32) + 1) << 32)
+            hi = np.uint32(((np.uint64(seg) >> np.uint64(32)) * np.uint64(GOLDEN32)) & np.uint64(0xFFFFFFFF))
+            for p in range(seg, end):
+                x = _fmix32(np.uint32(p & 0xFFFFFFFF) ^ a0)
+                x = _fmix32(np.uint32(x ^ a1 ^ hi))
+                t = (models[j, p] - base[p]) * f
+                out[j, p] = t if np.int64(x) < limit else np.float32(0.0)
+            seg = end
 
 
 @njit(parallel=True, cache=_CACHE)
