@@ -216,6 +216,17 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def selected_cases(args: argparse.Namespace):
+    """(label, method, params, backend, repeats) of every case and backend the options select."""
+    for label, method, params, backends in CASES:
+        if args.case and label not in args.case:
+            continue
+        for backend in backends:
+            if args.backend and backend not in args.backend:
+                continue
+            yield label, method, params, backend, args.repeats if backend == "numba" else (args.torch_repeats or args.repeats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=0.25, help="size of each model in GB (default 0.25; the README figures use 1)")
@@ -251,38 +262,26 @@ def main() -> None:
           f"raw file copy {raw_s:.2f} s = {input_gb / raw_s:.2f} GB/s\n")
     print(f"{'case':20s} {'backend':7s} {'median s':>9s} {'GB/s':>6s} {'x read':>7s} {'x raw':>6s} {'peak RSS MB':>12s}")
     models = [p.name for p in paths[1:]]
-    for label, method, params, backends in CASES:
-        if args.case and label not in args.case:
-            continue
-        for backend in backends:
-            if args.backend and backend not in args.backend:
-                continue
-            recipe = write_recipe(folder, label, method, params, backend, models)
-            out = folder / "out"
-            repeats = args.repeats if backend == "numba" else (args.torch_repeats or args.repeats)
-            runs = [run_process(recipe, out) for _ in range(repeats)]
-            shutil.rmtree(out, ignore_errors=True)
-            secs = statistics.median(r[0] for r in runs)
-            row = {
-                "case": label, "backend": backend, "median_s": round(secs, 3), "times_s": [round(r[0], 3) for r in runs],
-                "gbps": round(input_gb / secs, 3), "x_read_once": round(secs / read_s, 2), "x_read_raw": round(secs / raw_s, 2),
-                "peak_rss_mb": round(max(r[1] for r in runs) / 1e6, 1),
-            }
-            results["runs"].append(row)
-            print(f"{label:20s} {backend:7s} {secs:9.2f} {row['gbps']:6.2f} {row['x_read_once']:7.2f} {row['x_read_raw']:6.2f} {row['peak_rss_mb']:12.1f}", flush=True)
+    for label, method, params, backend, repeats in selected_cases(args):
+        recipe = write_recipe(folder, label, method, params, backend, models)
+        out = folder / "out"
+        runs = [run_process(recipe, out) for _ in range(repeats)]
+        shutil.rmtree(out, ignore_errors=True)
+        secs = statistics.median(r[0] for r in runs)
+        row = {
+            "case": label, "backend": backend, "median_s": round(secs, 3), "times_s": [round(r[0], 3) for r in runs],
+            "gbps": round(input_gb / secs, 3), "x_read_once": round(secs / read_s, 2), "x_read_raw": round(secs / raw_s, 2),
+            "peak_rss_mb": round(max(r[1] for r in runs) / 1e6, 1),
+        }
+        results["runs"].append(row)
+        print(f"{label:20s} {backend:7s} {secs:9.2f} {row['gbps']:6.2f} {row['x_read_once']:7.2f} {row['x_read_raw']:6.2f} {row['peak_rss_mb']:12.1f}", flush=True)
     if args.compute_gb > 0:
         print(f"\ncompute only (inputs already in memory, {args.compute_gb:g} GB of input), GB/s of input:")
         results["compute_only"] = []
-        for label, method, params, backends in CASES:
-            if args.case and label not in args.case:
-                continue
-            for backend in backends:
-                if args.backend and backend not in args.backend:
-                    continue
-                repeats = args.repeats if backend == "numba" else (args.torch_repeats or args.repeats)
-                gbps = compute_only(paths, method, params, backend, int(args.compute_gb * 1e9), repeats)
-                results["compute_only"].append({"case": label, "backend": backend, "gbps": round(gbps, 3)})
-                print(f"  {label:20s} {backend:7s} {gbps:6.2f}", flush=True)
+        for label, method, params, backend, repeats in selected_cases(args):
+            gbps = compute_only(paths, method, params, backend, int(args.compute_gb * 1e9), repeats)
+            results["compute_only"].append({"case": label, "backend": backend, "gbps": round(gbps, 3)})
+            print(f"  {label:20s} {backend:7s} {gbps:6.2f}", flush=True)
     by = {(r["case"], r["backend"]): r["median_s"] for r in results["runs"]}
     if ("ties tensor", "numba") in by and ("ties global", "numba") in by:
         t, g = by[("ties tensor", "numba")], by[("ties global", "numba")]
