@@ -61,7 +61,7 @@ class BufferPool:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Like `torch.empty(shape, dtype=dtype)`: contiguous, contents undefined."""
-        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if nbytes < MIN_POOLED_BYTES:
             return torch.empty(shape, dtype=dtype)
         self._requests += 1
